@@ -116,7 +116,7 @@ def main() -> int:
         report["rows"] = json.loads((out / "quality.json").read_text())["rows"]
     done = {row_key(row) for row in report["rows"]}
 
-    full_models = (args.full_split_models or args.models).split(",")
+    full_models = (args.full_split_models or args.models).split(",") if args.full_split else []
     for model_name in args.models.split(","):
         started = time.perf_counter()
         model, tokenizer = load(model_name)
@@ -127,12 +127,15 @@ def main() -> int:
                 targets = (0.0, *TARGETS) if (site, granularity) == ("down_in", "neuron") else TARGETS
                 configs = calibrate_targets(model, calibration, targets, site, granularity)
                 measure(model, configs, evaluation, report, out, done, model_name)
+        logger.info("%s grid done in %.0f s", model_name, time.perf_counter() - started)
 
-        if args.full_split and model_name in full_models:
-            whole = load_windows("wikitext2:test", tokenizer, args.ctx, None)
-            configs = calibrate_targets(model, calibration, (0.0, 0.5), "down_in", "neuron")
-            measure(model, configs, whole, report, out, done, model_name)
-        logger.info("%s done in %.0f s", model_name, time.perf_counter() - started)
+    # The whole test split is slow on a CPU, so it comes after every model's grid.
+    for model_name in full_models:
+        model, tokenizer = load(model_name)
+        calibration = load_windows("wikitext2:valid", tokenizer, args.ctx, args.calib_windows)
+        whole = load_windows("wikitext2:test", tokenizer, args.ctx, None)
+        configs = calibrate_targets(model, calibration, (0.0, 0.5), "down_in", "neuron")
+        measure(model, configs, whole, report, out, done, model_name)
     return 0
 
 

@@ -123,7 +123,7 @@ def load_text(spec: str, data_dir: str | Path | None = None) -> str:
 
 
 def bos_token_id(tokenizer) -> int | None:
-    """The BOS id when the tokenizer adds one by itself, else None."""
+    """Return the BOS id when the tokenizer adds one by itself, else None."""
     probe = tokenizer.encode("a")
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and probe and probe[0] == bos:
@@ -143,7 +143,15 @@ def tokenize_windows(tokenizer, text: str, ctx: int, max_windows: int | None = N
         raise UserError(f"invalid --max-windows {max_windows}; use a positive number of windows")
 
     bos = bos_token_id(tokenizer)
-    tokens = tokenizer.encode(text, add_special_tokens=False) if text else []
+    # The text is cut into windows below, so transformers' warning that it exceeds the model's
+    # maximum length does not apply.
+    transformers_logger = logging.getLogger("transformers.tokenization_utils_base")
+    previous_level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)
+    try:
+        tokens = tokenizer.encode(text, add_special_tokens=False) if text else []
+    finally:
+        transformers_logger.setLevel(previous_level)
     body = ctx - 1 if bos is not None else ctx
     count = len(tokens) // body
     if count == 0:
