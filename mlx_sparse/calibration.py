@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import sparsity
-from .cli import ArgumentParser, run_command, setup_logging
+from .cli import ArgumentParser, check_output_file, run_command, setup_logging
 from .data import TokenWindows, load_windows
 from .errors import UserError
 from .progress import progress_bar
@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     sparsity.check_site(args.site, args.granularity, args.block_size)
     sparsity.check_target(args.target)
+    check_output_file(args.output)
 
     from .blas import log_blas
     from .loading import load

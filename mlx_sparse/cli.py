@@ -51,19 +51,31 @@ def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequen
     sys.exit(code or 0)
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path, or raise `UserError` when it names an existing folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"output path {target} is a folder; pass a file path such as {target / 'config.json'}")
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `path` and rename it onto `path` only if the block succeeds.
 
     A crash or an error inside the block leaves no partial file behind.
     """
-    target = Path(path)
+    target = check_output_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix or target.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates the file readable by its owner only; give it the usual umask mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -47,6 +47,23 @@ def test_bad_input_one_line_exit_2(tmp_path, module, args, fragment):
     assert result.stdout == ""
 
 
+def test_output_folder_rejected_before_work(tmp_path):
+    result = run_module("calibrate", "--model", "smollm2-135m", "-o", str(tmp_path))
+    assert_one_line_error(result, f"output path {tmp_path} is a folder")
+    assert "Loaded" not in result.stderr
+
+
+def test_written_config_has_umask_mode(tmp_path):
+    from mlx_sparse.cli import write_text_atomic
+
+    path = tmp_path / "out.json"
+    write_text_atomic(path, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.read_text() == "{}"
+
+
 def test_corrupt_sparsity_config_rejected(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
