@@ -3,7 +3,10 @@
     python -m mlx_sparse.generate --model smollm2-135m --sparsity cfg.json --prompt "Hello"
 
 The flags mirror mlx-lm's `mlx_lm.generate` where they exist. Decoding uses mlx-lm's
-`stream_generate`, so with no sparsity config the tokens are those mlx-lm produces.
+`stream_generate`, so with no sparsity config the tokens are those mlx-lm produces. A block
+config at site gate_act or down_in decodes through the gather path (`mlx_sparse.runtime`), which
+reads only the active FFN blocks. Any other config masks the site values and still reads every
+weight.
 """
 
 from __future__ import annotations
@@ -55,16 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from . import sparsity
+    from . import runtime, sparsity
     from .blas import log_blas
     from .loading import load
 
     config = sparsity.load_config(args.sparsity) if args.sparsity else None
     log_blas()
     model, tokenizer = load(args.model, dtype=args.dtype)
-    if config is not None:
+    gather = config is not None and uses_gather(config)
+    if gather:
+        runtime.apply_gather(model, config)
+    elif config is not None:
         sparsity.sparsify(model, config)
-        logger.info("FFN thresholds applied: site %s, %s, target %.2f (masked: every weight is still read)", config.site, config.granularity, config.target)
+        logger.info(
+            "FFN thresholds applied: site %s, %s, target %.2f (masked: every weight is still read; "
+            "the gather path needs a block config at site gate_act or down_in)",
+            config.site, config.granularity, config.target,
+        )
 
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -74,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     response = None
     for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler):
+        if gather and response.generation_tokens == 1:
+            # The prompt has been processed, so the block counters start here and count decode steps only.
+            runtime.set_gather_stats(model, True)
         print(response.text, end="", flush=True)
     print()
     if response is not None:
@@ -83,7 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"peak memory {response.peak_memory:.3f} GB",
             file=sys.stderr,
         )
+    if gather and response is not None and response.generation_tokens > 1:
+        counted = runtime.gather_stats(model)
+        print(
+            f"gather path: {counted['active_fraction']:.1%} of FFN blocks active, FFN weight bytes read "
+            f"{counted['ffn_bytes_ratio']:.1%} of dense per decode token",
+            file=sys.stderr,
+        )
     return 0
+
+
+def uses_gather(config) -> bool:
+    """Return whether `config` can run on the gather path (block granularity at gate_act or down_in)."""
+    from .kernels import SITES
+
+    return config.granularity == "block" and config.site in SITES
 
 
 if __name__ == "__main__":
