@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .cli import ArgumentParser, run_command, setup_logging, write_text_atomic
 from .errors import UserError
@@ -117,6 +117,23 @@ def convert_storage(model: nn.Module, dtype: str | None, name: str) -> None:
     if mx.default_device() == mx.cpu:
         cast_floats(model, mx.float32)
     mx.eval(model.parameters())
+
+
+def share_weights(model: nn.Module, reference: nn.Module) -> bool:
+    """Load the mlx-lm model's parameter arrays into the port, so both decoders read the same memory.
+
+    Two separately loaded copies of SmolLM2-135M decoded 5-7% apart, with the faster one always the
+    copy loaded second, whichever code ran it (2-core x86, MLX 0.32.4). With shared arrays the
+    port and mlx-lm ran within 2%, so the comparison measures the code and not where the weights sit.
+    Returns False, and keeps separate copies, when the parameter names or shapes differ.
+    """
+    try:
+        model.load_weights(list(tree_flatten(reference.parameters())), strict=True)
+    except ValueError as exc:
+        logger.warning("Port and mlx-lm parameters differ (%s); comparing separately loaded weights", exc)
+        return False
+    mx.eval(model.parameters())
+    return True
 
 
 class _ZeroFFN(nn.Module):
@@ -259,13 +276,18 @@ class Rounds:
 
 
 def time_rounds(decoders: dict, prompt: mx.array, ffn_inputs: list[list[mx.array]], new_tokens: int, repeats: int) -> Rounds:
-    """Run one warm-up round and `repeats` timed rounds; each round runs every variant once, in turn."""
+    """Run one warm-up round and `repeats` timed rounds, each of which runs every variant once.
+
+    The order of the variants rotates by one place per round, so that no variant always follows
+    the same one: with 5 variants and 5 rounds, each variant runs once in each position.
+    """
     rounds = Rounds()
     with progress_bar() as progress:
         task = progress.add_task("bench rounds", total=repeats + 1)
         for round_index in range(repeats + 1):
             timed = round_index > 0
-            for name in VARIANTS:
+            shift = round_index % len(VARIANTS)
+            for name in VARIANTS[shift:] + VARIANTS[:shift]:
                 decoder, ffns = decoders[name]
                 if ffns is not None:
                     set_ffns(decoder, ffns)
@@ -313,6 +335,7 @@ def run_bench(args) -> dict:
     reference, _ = mlx_lm_load(str(folder))
     convert_storage(model, conversion, spec)
     convert_storage(reference, conversion, f"{spec} (mlx-lm)")
+    shared = share_weights(model, reference)
 
     load_average_start = os.getloadavg()
     prompt = mx.array(tokenizer.encode(args.prompt))
@@ -356,6 +379,7 @@ def run_bench(args) -> dict:
             "config": {"site": config.site, "granularity": config.granularity, "block_size": config.block_size,
                        "target": config.target, "calibrated_on": config.model_id},
             "up_mode": sparse_ffns[0].up_mode,
+            "weights_shared_with_mlx_lm": shared,
             "float_parameters_dtype": str(model.model.norm.weight.dtype).removeprefix("mlx.core."),
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
@@ -424,7 +448,7 @@ def render_markdown(result: dict) -> str:
         f"Sparsity config: `{result['sparsity']}` (site {details['config']['site']}, block {details['config']['block_size']}, "
         f"target {details['config']['target']}, up_proj {details['up_mode']}).\n\n"
         f"{details['new_tokens']} decode tokens after a {details['prompt_tokens']}-token prompt, median of "
-        f"{details['repeats']} interleaved rounds after a warm-up. {details['platform']}, device {details['device']}, "
+        f"{details['repeats']} interleaved rounds (variant order rotated each round) after a warm-up. {details['platform']}, device {details['device']}, "
         f"{result['threads']['cpu_count']} cores, OPENBLAS_NUM_THREADS={result['threads']['OPENBLAS_NUM_THREADS']}, "
         f"BLAS {result['blas']}, MLX {details['mlx_version']}, mlx-lm {details['mlx_lm_version']}, load average "
         f"{details['load_average_start']} at start and {details['load_average_end']} at end.\n\n"
@@ -433,8 +457,9 @@ def render_markdown(result: dict) -> str:
         "Weight bytes per token count every weight, scale and bias that one decode step reads: attention, norms, "
         "the FFNs and the lm_head (the tied embedding matrix), plus one embedding row when untied. For the sparse "
         "path the FFN part is the gate_proj, up_proj and down_proj blocks that the gather path read, averaged over "
-        "the decoded tokens. Peak memory is the MLX peak of the whole benchmark process, which holds the mlx-lm "
-        "model, the port and its gather FFNs at once. FFN times run all layers' FFNs on inputs captured from a dense "
+        "the decoded tokens. The port reads the mlx-lm model's weight arrays (shared in memory) unless "
+        "`weights_shared_with_mlx_lm` is false. Peak memory is the MLX peak of the whole benchmark process, which "
+        "holds both models and the gather FFNs at once. FFN times run all layers' FFNs on inputs captured from a dense "
         "decode, evaluated once per token. The FFN time inside the decode step is the step time minus that of a "
         "decode whose FFNs return zeros, and the lm_head time is one output projection alone.\n"
     )

@@ -298,5 +298,6 @@ def test_bench_writes_json_smollm2(smollm2, tmp_path):
         assert report[key] > 0, key
     assert report["weight_bytes_per_token_sparse"] < report["weight_bytes_per_token_dense"]
     assert report["details"]["dense_tokens_match_mlx_lm"] is True
+    assert report["details"]["weights_shared_with_mlx_lm"] is True
     assert 0.0 < report["details"]["active_fraction"] < 1.0
     assert "| decode tokens/s: mlx_sparse sparse (gather) |" in (out / "bench.md").read_text()
