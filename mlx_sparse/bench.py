@@ -49,6 +49,8 @@ FFN_PASSES = 3
 # is the part of a decode step spent outside the FFNs.
 VARIANTS = ("mlx_lm", "dense", "sparse", "all_blocks", "no_ffn")
 FFN_VARIANTS = ("dense", "sparse", "all_blocks")
+# With --predictor, a sixth variant decodes through the gather path with predicted block sets.
+PREDICTED = "predicted"
 
 
 def build_parser() -> ArgumentParser:
@@ -61,6 +63,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up; medians are reported (default 3)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text, fed without a chat template")
     parser.add_argument("--up-mode", choices=["gather", "dense"], help="up_proj of the gather path (default: gather at gate_act, dense at down_in)")
+    parser.add_argument("--predictor", help="predictor file (python -m mlx_sparse.predict train) for a decoder that computes predicted blocks only")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -240,8 +243,8 @@ def _zero_thresholds(config):
     return replace(config, thresholds=[{name: 0.0 for name in entry} for entry in config.thresholds])
 
 
-def build_decoders(model: nn.Module, reference: nn.Module, config, up_mode: str | None) -> dict[str, tuple]:
-    """Return {variant: (model, FFNs to swap in or None)} for every name in VARIANTS.
+def build_decoders(model: nn.Module, reference: nn.Module, config, up_mode: str | None, predictors=None) -> dict[str, tuple]:
+    """Return {variant: (model, FFNs to swap in or None)} for every name in VARIANTS, and PREDICTED with `predictors`.
 
     The dense and gather FFNs are built once and swapped in, so the rounds do not rebuild weights.
     The gather FFNs share the float gate_proj and up_proj weights with the dense ones.
@@ -255,22 +258,30 @@ def build_decoders(model: nn.Module, reference: nn.Module, config, up_mode: str 
     apply_gather(model, config, up_mode=up_mode)
     sparse_ffns = [layer.mlp for layer in model.layers]
     set_ffns(model, dense_ffns)
-    model.sparsity_config = None
-    return {
+    decoders = {
         "mlx_lm": (reference, None),
         "dense": (model, dense_ffns),
         "sparse": (model, sparse_ffns),
         "all_blocks": (model, all_block_ffns),
         "no_ffn": (model, [_ZeroFFN() for _ in model.layers]),
     }
+    if predictors is not None:
+        from .predict import attach_predictor
+
+        apply_gather(model, config, up_mode="gather")
+        attach_predictor(model, config, predictors)
+        decoders[PREDICTED] = (model, [layer.mlp for layer in model.layers])
+        set_ffns(model, dense_ffns)
+    model.sparsity_config = None
+    return decoders
 
 
 @dataclass
 class Rounds:
     """Measurements of the timed rounds, one list entry per round."""
 
-    tok_s: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in VARIANTS})
-    ffn_ms: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in FFN_VARIANTS})
+    tok_s: dict[str, list[float]] = field(default_factory=dict)
+    ffn_ms: dict[str, list[float]] = field(default_factory=dict)
     # Tokens of each variant's first (warm-up) decode.
     tokens: dict[str, list[int]] = field(default_factory=dict)
 
@@ -282,27 +293,29 @@ def time_rounds(decoders: dict, prompt: mx.array, ffn_inputs: list[list[mx.array
     the same one: with 5 variants and 5 rounds, each variant runs once in each position.
     """
     rounds = Rounds()
+    names = list(decoders)
+    ffn_names = [name for name in (*FFN_VARIANTS, PREDICTED) if name in decoders]
     with progress_bar() as progress:
         task = progress.add_task("bench rounds", total=repeats + 1)
         for round_index in range(repeats + 1):
             timed = round_index > 0
-            shift = round_index % len(VARIANTS)
-            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
                 decoder, ffns = decoders[name]
                 if ffns is not None:
                     set_ffns(decoder, ffns)
                 speed, generated = decode(decoder, prompt, new_tokens)
                 rounds.tokens.setdefault(name, generated)
                 if timed:
-                    rounds.tok_s[name].append(speed)
+                    rounds.tok_s.setdefault(name, []).append(speed)
 
-            for name in FFN_VARIANTS:
+            for name in ffn_names:
                 elapsed = time_ffns(decoders[name][1], ffn_inputs)
                 if timed:
-                    rounds.ffn_ms[name].append(elapsed)
+                    rounds.ffn_ms.setdefault(name, []).append(elapsed)
 
             if timed:
-                speeds = ", ".join(f"{name} {rounds.tok_s[name][-1]:.1f}" for name in VARIANTS)
+                speeds = ", ".join(f"{name} {rounds.tok_s[name][-1]:.1f}" for name in names)
                 logger.info("round %d of %d, tokens/s: %s", round_index, repeats, speeds)
             progress.advance(task)
     return rounds
@@ -332,6 +345,11 @@ def run_bench(args) -> dict:
 
     model, tokenizer = load(spec)
     config.check_model(model)
+    predictors = None
+    if args.predictor:
+        from .predict import load_predictor
+
+        predictors = load_predictor(args.predictor, model, config)
     reference, _ = mlx_lm_load(str(folder))
     convert_storage(model, conversion, spec)
     convert_storage(reference, conversion, f"{spec} (mlx-lm)")
@@ -340,7 +358,7 @@ def run_bench(args) -> dict:
     load_average_start = os.getloadavg()
     prompt = mx.array(tokenizer.encode(args.prompt))
     ffn_inputs = capture_ffn_inputs(model, prompt, min(args.new_tokens, CAPTURE_TOKENS))
-    decoders = build_decoders(model, reference, config, args.up_mode)
+    decoders = build_decoders(model, reference, config, args.up_mode, predictors)
 
     mx.reset_peak_memory()
     rounds = time_rounds(decoders, prompt, ffn_inputs, args.new_tokens, args.repeats)
@@ -348,6 +366,7 @@ def run_bench(args) -> dict:
 
     sparse_ffns = decoders["sparse"][1]
     counted = count_sparse_bytes(model, sparse_ffns, prompt, args.new_tokens)
+    predicted_counted = count_sparse_bytes(model, decoders[PREDICTED][1], prompt, args.new_tokens) if predictors else None
     set_ffns(model, decoders["dense"][1])
     parts = weight_bytes_per_token(model)
     bytes_dense = parts["total"]
@@ -359,7 +378,7 @@ def run_bench(args) -> dict:
     decode_ms = {name: 1000 / medians[name] for name in VARIANTS}
     storage = model_dtype(model)
     machine = machine_info()
-    return {
+    result = {
         "model": spec,
         "sparsity": str(args.sparsity),
         "dtype": "q4" if storage == "q4" else storage,
@@ -414,6 +433,26 @@ def run_bench(args) -> dict:
             **{key: value for key, value in machine.items() if key not in ("threads", "blas")},
         },
     }
+    if predictors is not None:
+        header = predictors.header
+        result["predicted_tok_s"] = round(medians[PREDICTED], 2)
+        result["speedup_predicted_vs_mlx_lm"] = ratio(medians[PREDICTED], medians["mlx_lm"])
+        result["details"]["predicted"] = {
+            "predictor": str(args.predictor),
+            "rank": header.rank,
+            "activation": header.activation,
+            "lookahead": header.lookahead,
+            "recall_target": header.recall_target,
+            "ffn_ms": round(ffn_medians[PREDICTED], 3),
+            "speedup_ffn_vs_dense": ratio(ffn_medians["dense"], ffn_medians[PREDICTED]),
+            "speedup_vs_sparse": ratio(medians[PREDICTED], medians["sparse"]),
+            "active_fraction": round(predicted_counted["active_fraction"], 4),
+            "ffn_bytes_ratio": round(predicted_counted["ffn_bytes_ratio"], 4),
+            "weight_bytes_per_token": int(round(parts["total"] - parts["ffn"] + predicted_counted["ffn_bytes_per_token"])),
+            "tokens_match_sparse": rounds.tokens[PREDICTED] == rounds.tokens["sparse"],
+            "decode_ms": round(1000 / medians[PREDICTED], 2),
+        }
+    return result
 
 
 def render_markdown(result: dict) -> str:
@@ -442,6 +481,15 @@ def render_markdown(result: dict) -> str:
         ("peak memory (bytes)", result["peak_memory_bytes"]),
         ("dense tokens equal mlx-lm's", details["dense_tokens_match_mlx_lm"]),
     ]
+    predicted = details.get("predicted")
+    if predicted is not None:
+        rows += [
+            ("decode tokens/s: gather path, predicted blocks", result["predicted_tok_s"]),
+            ("speedup predicted / mlx-lm", result["speedup_predicted_vs_mlx_lm"]),
+            ("FFN ms per token: gather, predicted blocks", predicted["ffn_ms"]),
+            ("predicted path: active fraction after the threshold / FFN bytes ratio",
+             f"{predicted['active_fraction']} / {predicted['ffn_bytes_ratio']}"),
+        ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return (
         f"# Decode benchmark: {result['model']} ({result['dtype']})\n\n"

@@ -168,3 +168,27 @@ def tokenize_windows(tokenizer, text: str, ctx: int, max_windows: int | None = N
 
 def load_windows(spec: str, tokenizer, ctx: int, max_windows: int | None = None, data_dir: str | Path | None = None) -> TokenWindows:
     return tokenize_windows(tokenizer, load_text(spec, data_dir), ctx, max_windows, source=spec)
+
+
+def data_file(spec: str, data_dir: str | Path | None = None) -> Path | None:
+    """Return the local file that a data spec reads, or None for text that comes from the hub."""
+    if spec.startswith("wikitext2:"):
+        data_dir = data_dir or os.environ.get("MLX_SPARSE_DATA_DIR")
+        split = spec.split(":", 1)[1]
+        if not data_dir or split not in WIKITEXT_FILES:
+            return None
+        return (Path(data_dir) / "wikitext-2-raw" / WIKITEXT_FILES[split]).resolve()
+    return Path(spec).expanduser().resolve()
+
+
+def warn_same_data(calibration: str, evaluation: str, data_dir: str | Path | None = None) -> bool:
+    """Log a warning and return True when calibration and evaluation read the same text."""
+    same = calibration == evaluation or (
+        data_file(calibration, data_dir) is not None and data_file(calibration, data_dir) == data_file(evaluation, data_dir)
+    )
+    if same:
+        logger.warning(
+            "Calibration and evaluation use the same data (%s): thresholds tuned on the scored text overstate quality; "
+            "calibrate on wikitext2:valid and score on wikitext2:test", evaluation,
+        )
+    return same

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparsity.sparsify(model, config)
         logger.info(
             "FFN thresholds applied: site %s, %s, target %.2f (masked: every weight is still read; "
-            "the gather path needs a block config at site gate_act or down_in)",
+            "the gather path needs a block config at site gate_act or down_in, magnitude scores and no dense prefix)",
             config.site, config.granularity, config.target,
         )
 
@@ -107,10 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def uses_gather(config) -> bool:
-    """Return whether `config` can run on the gather path (block granularity at gate_act or down_in)."""
+    """Return whether `config` can run on the gather path: block granularity at gate_act or down_in, magnitude
+    scores and no dense prefix."""
     from .kernels import SITES
 
-    return config.granularity == "block" and config.site in SITES
+    return config.granularity == "block" and config.site in SITES and config.score == "magnitude" and not config.dense_prefix
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"invalid --batch-size {args.batch_size}; use a positive integer")
     config = sparsity.load_config(args.sparsity) if args.sparsity else None
     log_blas()
+    if config is not None and config.calibration.get("data"):
+        from .data import warn_same_data
+
+        warn_same_data(config.calibration["data"], args.data, args.data_dir)
     model, tokenizer = load(args.model, dtype=args.dtype)
     if config is not None:
         sparsity.sparsify(model, config)

@@ -36,6 +36,13 @@ def check_gather_config(config: SparsityConfig) -> None:
             f"the gather path needs a block config at site gate_act or down_in, but this config has site "
             f"{config.site} and granularity {config.granularity}; {CALIBRATE_HINT}"
         )
+    # NOTE: the gather kernels score blocks by magnitude and do not know token positions, so WINA
+    # scores and a dense prefix apply to the masked path only.
+    if config.score != "magnitude" or config.dense_prefix:
+        raise UserError(
+            f"the gather path supports score magnitude without a dense prefix, not score {config.score} with dense "
+            f"prefix {config.dense_prefix}; use the masked path (python -m mlx_sparse.perplexity) for this config"
+        )
 
 
 def gather_modules(model: nn.Module) -> list[BlockSparseFFN]:

@@ -14,6 +14,10 @@ runtime can skip:
 With `neuron` granularity an entry is zeroed when |v| < t. With `block` granularity consecutive
 entries form blocks of `block_size`, and a block is zeroed when its root mean square, relative to that of the whole
 token vector, is below the block threshold: the unit that `mx.gather_mm` can skip.
+
+The rule reads a score per entry: |v| itself ("magnitude"), or with score "wina" |v_i| times the
+L2 norm of the weight column that v_i multiplies (WINA). `dense_prefix` keeps the first positions
+of every sequence dense.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 SITES = ("down_in", "gate_act", "ffn_in", "seed")
 GRANULARITIES = ("neuron", "block")
+SCORES = ("magnitude", "wina")
+ALLOCATIONS = ("uniform", "greedy")
 
 # The tensors that carry a threshold at each site, in the order the FFN computes them.
 SITE_TENSORS = {
@@ -61,14 +67,48 @@ def check_target(target: float) -> None:
         raise UserError(f"invalid sparsity target {target}; use a fraction in [0, 1), such as 0.5")
 
 
+def check_score(score: str, site: str, dense_prefix: int = 0) -> None:
+    if score not in SCORES:
+        raise UserError(f"unknown score {score!r}; use magnitude or wina")
+    if score == "wina" and site == "seed":
+        raise UserError("score wina needs a site whose values multiply one weight column (down_in, gate_act, ffn_in), not seed; use --score magnitude")
+    if not isinstance(dense_prefix, int) or isinstance(dense_prefix, bool) or dense_prefix < 0:
+        raise UserError(f"invalid dense prefix {dense_prefix!r}; use a number of positions >= 0, such as 1")
+
+
+def keep_mask(scores: mx.array, threshold: mx.array | float, granularity: str, block_size: int) -> mx.array:
+    """Return the boolean mask (shape of `scores`) of entries kept: |score| >= t, or block score >= t."""
+    if granularity == "neuron":
+        return mx.abs(scores) >= threshold
+    *lead, width = scores.shape
+    keep = block_scores(scores, block_size) >= threshold
+    return mx.broadcast_to(keep[..., None], (*lead, width // block_size, block_size)).reshape(scores.shape)
+
+
 def threshold_values(values: mx.array, threshold: mx.array | float, granularity: str, block_size: int) -> mx.array:
     """Zero the entries (or blocks) of `values` whose magnitude (or block RMS) is below `threshold`."""
-    if granularity == "neuron":
-        return mx.where(mx.abs(values) >= threshold, values, mx.zeros_like(values))
-    *lead, width = values.shape
-    keep = block_scores(values, block_size) >= threshold
-    blocks = values.reshape(*lead, width // block_size, block_size)
-    return mx.where(keep[..., None], blocks, mx.zeros_like(blocks)).reshape(values.shape)
+    return mx.where(keep_mask(values, threshold, granularity, block_size), values, mx.zeros_like(values))
+
+
+def _float_weight(linear: nn.Module) -> mx.array:
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits).astype(mx.float32)
+    return linear.weight.astype(mx.float32)
+
+
+def wina_column_norms(mlp: MLP, site: str) -> mx.array:
+    """Return the L2 norm of the weight column that each entry of the site tensor multiplies.
+
+    An entry of down_in, and of gate_act through the up_proj product, multiplies one column of
+    W_down. An entry of the FFN input multiplies one column of W_gate and one of W_up, and both
+    count.
+    """
+    if site in ("down_in", "gate_act"):
+        return mx.sqrt(mx.sum(mx.square(_float_weight(mlp.down_proj)), axis=0))
+    if site == "ffn_in":
+        squares = mx.square(_float_weight(mlp.gate_proj)).sum(axis=0) + mx.square(_float_weight(mlp.up_proj)).sum(axis=0)
+        return mx.sqrt(squares)
+    raise UserError(f"score wina is not defined for site {site}; use --score magnitude")
 
 
 @dataclass
@@ -88,6 +128,12 @@ class SparsityConfig:
     thresholds: list[dict[str, float]]
     calibration: dict = field(default_factory=dict)
     version: int = CONFIG_VERSION
+    score: str = "magnitude"
+    # Positions at the start of each sequence that stay dense.
+    dense_prefix: int = 0
+    allocation: str = "uniform"
+    # Per-layer sparsity targets that the thresholds were calibrated for (greedy allocation).
+    layer_targets: list[float] | None = None
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON, atomically."""
@@ -99,12 +145,19 @@ class SparsityConfig:
             raise UserError(f"{source} is not a sparsity config (a JSON object); create one with python -m mlx_sparse.calibrate")
         if data.get("version") != CONFIG_VERSION:
             raise UserError(f"{source} has config version {data.get('version')!r}, expected {CONFIG_VERSION}; recalibrate with this mlx_sparse")
-        required = [name for name in cls.__dataclass_fields__ if name not in ("calibration", "version")]
+        required = [item.name for item in fields(cls) if item.default is MISSING and item.default_factory is MISSING]
         missing = [name for name in required if name not in data]
         if missing:
             raise UserError(f"{source} is missing {', '.join(missing)}; recalibrate with python -m mlx_sparse.calibrate")
         config = cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
         check_site(config.site, config.granularity, config.block_size)
+        check_score(config.score, config.site, config.dense_prefix)
+        if config.allocation not in ALLOCATIONS:
+            raise UserError(f"{source} has allocation {config.allocation!r}; use uniform or greedy")
+        if config.layer_targets is not None and (
+            len(config.layer_targets) != config.num_layers or not all(0.0 <= value < 1.0 for value in config.layer_targets)
+        ):
+            raise UserError(f"{source} layer_targets must list one fraction in [0, 1) per layer; recalibrate")
         if len(config.thresholds) != config.num_layers:
             raise UserError(f"{source} has {len(config.thresholds)} layer thresholds for {config.num_layers} layers; recalibrate")
         for layer, entry in enumerate(config.thresholds):
@@ -148,8 +201,10 @@ def load_config(path: str | Path, model: nn.Module | None = None) -> SparsityCon
 
 
 def describe_model(model: nn.Module) -> dict:
-    first = model.layers[0].mlp
-    mlp = first.mlp if isinstance(first, SparseMLP) else first
+    # Wrappers (SparseMLP, the predicted and gather FFNs) keep the source MLP as `mlp` or `_template`.
+    mlp = model.layers[0].mlp
+    while not isinstance(mlp, MLP) and isinstance(getattr(mlp, "mlp", getattr(mlp, "_template", None)), nn.Module):
+        mlp = getattr(mlp, "mlp", None) or mlp._template
     return {
         "model_id": getattr(model, "model_id", type(model).__module__),
         "model_type": model.args.model_type,
@@ -182,26 +237,43 @@ class SiteStats:
 class SparseMLP(nn.Module):
     """The original FFN with thresholds applied at one site; masked, so every weight is still read.
 
-    `recorder`, when set, receives every site tensor before thresholding (used by calibration).
+    `recorder`, when set, receives the scores of every site tensor before thresholding: the values
+    themselves, or for score "wina" the values times their weight column norms, without the
+    dense-prefix positions (calibration uses it).
     """
 
-    def __init__(self, mlp: MLP, site: str, granularity: str, block_size: int, thresholds: dict[str, float]):
+    def __init__(self, mlp: MLP, site: str, granularity: str, block_size: int, thresholds: dict[str, float],
+                 score: str = "magnitude", dense_prefix: int = 0):
         super().__init__()
+        check_score(score, site, dense_prefix)
         self.mlp = mlp
         self.site = site
         self.granularity = granularity
         self.block_size = block_size
         self.thresholds = dict(thresholds)
+        self.score = score
+        self.dense_prefix = dense_prefix
+        # Stored outside the parameter tree: derived from the weights, not a weight.
+        object.__setattr__(self, "_column_norms", wina_column_norms(mlp, site) if score == "wina" else None)
         self.collect_stats = False
         self.stats = SiteStats()
         self.recorder = None
 
     def apply(self, name: str, values: mx.array) -> mx.array:
+        scores = values if self._column_norms is None else values * self._column_norms
+        # NOTE: every call on several positions counts as the start of a sequence. Evaluation and
+        # the first prefill chunk of generation are, but a prompt that mlx-lm prefills in several
+        # chunks also keeps the first positions of its later chunks dense.
+        prefix = min(self.dense_prefix, values.shape[-2]) if values.ndim >= 2 and values.shape[-2] > 1 else 0
         if self.recorder is not None:
-            self.recorder(name, values)
+            self.recorder(name, scores[..., prefix:, :] if prefix else scores)
         threshold = self.thresholds[name]
         if threshold > 0:
-            values = threshold_values(values, threshold, self.granularity, self.block_size)
+            keep = keep_mask(scores, threshold, self.granularity, self.block_size)
+            if prefix:
+                positions = mx.arange(values.shape[-2])[:, None] < prefix
+                keep = keep | positions
+            values = mx.where(keep, values, mx.zeros_like(values))
         if self.collect_stats:
             self.stats.add(name, values)
         return values
@@ -242,7 +314,8 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> nn.Module:
     config.check_model(model)
     unsparsify(model)
     for layer, thresholds in zip(model.layers, config.thresholds):
-        layer.mlp = SparseMLP(layer.mlp, config.site, config.granularity, config.block_size, thresholds)
+        layer.mlp = SparseMLP(layer.mlp, config.site, config.granularity, config.block_size, thresholds,
+                              config.score, config.dense_prefix)
     model.sparsity_config = config
     return model
 

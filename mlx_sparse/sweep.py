@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import sparsity
-from .calibration import calibrate_targets
+from .calibration import add_method_arguments, check_allocation
 from .cli import ArgumentParser, atomic_path, run_command, setup_logging, write_text_atomic
-from .data import load_windows
+from .data import load_windows, warn_same_data
 from .errors import UserError
 from .perplexity import evaluate_perplexity
 
@@ -36,10 +36,16 @@ def config_name(target: float) -> str:
     return f"config_{target:g}.json"
 
 
-def run_sweep(model, tokenizer, targets, site, granularity, block_size, calib_data, calib_windows, data, ctx, max_windows, data_dir=None) -> tuple[dict, list]:
+def run_sweep(model, tokenizer, targets, site, granularity, block_size, calib_data, calib_windows, data, ctx, max_windows,
+              data_dir=None, score="magnitude", dense_prefix=0, allocation="uniform", greedy_step=0.1, greedy_windows=1) -> tuple[dict, list]:
     """Calibrate every target in one pass, then score each on `data`; returns (summary, configs)."""
-    calibration = load_windows(calib_data, tokenizer, ctx, calib_windows, data_dir)
-    configs = calibrate_targets(model, calibration, targets, site, granularity, block_size)
+    from .allocation import allocate
+    from .calibration import Calibration, first_windows
+
+    calibration_windows = load_windows(calib_data, tokenizer, ctx, calib_windows, data_dir)
+    calibration = Calibration.record(model, calibration_windows, site, granularity, block_size, score, dense_prefix)
+    loss_windows = first_windows(calibration_windows, greedy_windows)
+    configs = [allocate(model, calibration, target, allocation, loss_windows, greedy_step) for target in targets]
     evaluation = load_windows(data, tokenizer, ctx, max_windows, data_dir)
 
     results = []
@@ -63,9 +69,12 @@ def run_sweep(model, tokenizer, targets, site, granularity, block_size, calib_da
         "site": site,
         "granularity": granularity,
         "block_size": block_size,
+        "score": score,
+        "dense_prefix": dense_prefix,
+        "allocation": allocation,
         "data": data,
         "calib_data": calib_data,
-        "calib_windows": calibration.count,
+        "calib_windows": calibration_windows.count,
         "ctx": ctx,
         "windows": evaluation.count,
         "tokens": evaluation.count * (ctx - 1),
@@ -130,6 +139,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-windows", type=int, default=8, help="evaluation windows (default 8)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast float weights to this type")
+    add_method_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for sweep.json, sweep.md, sweep.png and the configs")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -140,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     targets = parse_targets(args.targets)
     sparsity.check_site(args.site, args.granularity, args.block_size)
-    if args.calib_data == args.data:
-        logger.warning("Calibration and evaluation use the same data (%s): thresholds tuned on the scored text overstate quality", args.data)
+    sparsity.check_score(args.score, args.site, args.dense_prefix)
+    check_allocation(args.allocation, args.greedy_windows)
+    warn_same_data(args.calib_data, args.data, args.data_dir)
 
     from .blas import log_blas
     from .loading import load
@@ -151,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary, configs = run_sweep(
         model, tokenizer, targets, args.site, args.granularity, args.block_size,
         args.calib_data, args.calib_windows, args.data, args.ctx, args.max_windows, args.data_dir,
+        args.score, args.dense_prefix, args.allocation, args.greedy_step, args.greedy_windows,
     )
 
     out = Path(args.out)
@@ -161,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = format_markdown(summary)
     write_text_atomic(out / "sweep.md", markdown)
     plot_sweep(summary, out / "sweep.png")
+    if args.allocation == "greedy":
+        from .allocation import plot_allocation
+
+        plot_allocation([config for config in configs if config.target > 0] or configs, out / "allocation.png")
     print(markdown)
     print(f"wrote {out}/sweep.json, sweep.md, sweep.png and {len(configs)} configs")
     return 0

@@ -12,6 +12,9 @@ up_mode "gather") and down_proj only for the active blocks, with `mx.gather_mm` 
 their active blocks and zeroes each token's inactive ones. Prefill (sequence length above 1) runs
 that union path for up to UNION_MAX_TOKENS tokens and the dense masked computation for longer
 calls, unless `prefill` forces one of them.
+
+With a `predictor` set, the gather path computes gate_proj too only for the blocks that the
+predictor names, and the threshold then applies inside them (see `_predicted_forward`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class BlockSparseFFN(nn.Module):
         self.prefill = prefill
         self.threshold = threshold
         self.stats: FFNStats | None = None
+        # Callable from the input tokens [tokens, hidden] to the predicted active blocks (bool
+        # [tokens, blocks]); see mlx_sparse.predict.gather. Not part of the module tree.
+        object.__setattr__(self, "predictor", None)
 
     @classmethod
     def from_mlp(
@@ -212,7 +218,9 @@ class BlockSparseFFN(nn.Module):
         seq_len = x.shape[-2] if x.ndim >= 2 else 1
         tokens = x.reshape(-1, hidden)
         union = self.prefill == "union" or (self.prefill == "auto" and tokens.shape[0] <= UNION_MAX_TOKENS)
-        if seq_len == 1 or union:
+        if self.predictor is not None:
+            y = self._predicted_forward(tokens)
+        elif seq_len == 1 or union:
             y = self._gather_forward(tokens)
         else:
             y = self._dense_forward(tokens)
@@ -289,6 +297,60 @@ class BlockSparseFFN(nn.Module):
         if self.stats is not None:
             self._record(num_tokens, active_blocks, gathered_blocks, dense_up)
         return y
+
+    def _predicted_forward(self, x: mx.array) -> mx.array:
+        """Compute the FFN of `x` ([tokens, hidden]) reading all three projections for predicted blocks only.
+
+        A block is active when the predictor names it and its score passes the threshold. The score
+        divides the block's RMS by the token's RMS over the whole intermediate size with the
+        unpredicted blocks counted as zeros, since they are never computed.
+        """
+        num_tokens = x.shape[0]
+        num_blocks = self.num_blocks
+
+        # The predicted set sets the gather shapes, so it is read on the host: one synchronization
+        # per call, as on the threshold path, but before any FFN weight is read.
+        predicted = np.array(self.predictor(x)).reshape(num_tokens, num_blocks)
+        block_predicted = predicted.any(axis=0)
+        gathered_blocks = int(block_predicted.sum())
+        if gathered_blocks == 0:
+            if self.stats is not None:
+                self._record_predicted(num_tokens, 0, 0)
+            return mx.zeros((num_tokens, self.down_blocks.output_dims), dtype=x.dtype)
+
+        indices = None
+        if gathered_blocks < num_blocks:
+            index_array = np.flatnonzero(block_predicted).astype(np.uint32)
+            indices = mx.array(index_array)
+            predicted = predicted[:, index_array]
+        token_mask = mx.array(predicted.T)[..., None]
+
+        a = self.activation(self.gate_blocks.blocks(x, indices))
+        h = a * self.up_blocks.blocks(x, indices)
+        site_values = (a if self.site == "gate_act" else h) * token_mask.astype(h.dtype)
+
+        squares = mx.square(site_values.astype(mx.float32))
+        token_rms = mx.sqrt(mx.sum(squares, axis=(0, 2)) / self.gate_blocks.output_dims)
+        scores = mx.sqrt(mx.mean(squares, axis=-1)) / mx.maximum(token_rms, 1e-30)[None, :]
+        active = (scores >= self.threshold) & token_mask[..., 0]
+        h = h * active[..., None].astype(h.dtype)
+
+        y = self.down_blocks.blocks(h, indices).sum(axis=0)
+        if self.stats is not None:
+            self._record_predicted(num_tokens, int(active.sum().item()), gathered_blocks)
+        return y
+
+    def _record_predicted(self, tokens: int, active_blocks: int, gathered_blocks: int) -> None:
+        weight_bytes = gathered_blocks * (
+            self.gate_blocks.block_nbytes + self.up_blocks.block_nbytes + self.down_blocks.block_nbytes
+        )
+        self.stats.record(
+            tokens=tokens,
+            active_blocks=active_blocks,
+            total_blocks=tokens * self.num_blocks,
+            weight_bytes=weight_bytes,
+            dense_weight_bytes=self.dense_weight_bytes,
+        )
 
     def _dense_forward(self, x: mx.array) -> mx.array:
         """Compute the dense masked FFN of `x` ([tokens, hidden]) from the block layout."""

@@ -1,0 +1,221 @@
+"""Predictor recall, cost and perplexity on the real models, and decode speed with predicted blocks.
+
+    scripts/run.sh .venv/bin/python benchmarks/predict.py --models smollm2-135m,gemma3-270m --out benchmarks/results
+
+For each model and 50% config (gate_act block, down_in block, down_in neuron; block size 32),
+thresholds are calibrated on WikiText-2 valid, predictors are trained on WikiText-2 valid, and
+recall, precision, predicted-active fraction and perplexity (dense, oracle sets, predicted sets)
+are measured on WikiText-2 test. The decode benchmark (`python -m mlx_sparse.bench --predictor`)
+runs on the gate_act block config. Writes predict.json after every row; `--resume` skips rows
+already there. Predictor files go to `--work-dir`, not to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from mlx_sparse import load, unsparsify
+from mlx_sparse.blas import loaded_blas
+from mlx_sparse.calibration import calibrate_targets
+from mlx_sparse.cli import setup_logging, write_text_atomic
+from mlx_sparse.data import load_windows
+from mlx_sparse.perplexity import evaluate_perplexity
+from mlx_sparse.predict import evaluate_predictor, load_predictor, train_predictors
+from mlx_sparse.sparsity import load_config, sparsify
+
+logger = logging.getLogger("predict")
+
+CONFIGS = (("gate_act", "block"), ("down_in", "block"), ("down_in", "neuron"))
+# (rank, activation, lookahead, recall target) per predictor row.
+PREDICTORS = {
+    ("gate_act", "block"): ((64, "linear", False, 0.99), (64, "linear", False, 0.95), (64, "linear", True, 0.95),
+                            (128, "relu", False, 0.95)),
+    ("down_in", "block"): ((64, "linear", False, 0.99), (64, "linear", False, 0.95)),
+    ("down_in", "neuron"): ((64, "linear", False, 0.99), (64, "linear", False, 0.95)),
+}
+TARGET = 0.5
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["site"], row["granularity"], row["rank"], row["activation"], row["lookahead"], row["recall_target"])
+
+
+def format_markdown(report: dict) -> str:
+    lines = [
+        "# Neuron predictors: recall, cost and perplexity",
+        "",
+        "Commands: " + ", ".join(f"`{command}`" for command in report["commands"]),
+        "",
+        f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
+        f"Thresholds: target {TARGET}, calibrated on WikiText-2 valid ({report['calib_windows']} windows of {report['ctx']}). "
+        f"Predictors: trained on WikiText-2 valid ({report['train_windows']} windows, at most {report['max_samples']} "
+        f"token samples per layer, {report['epochs']} epochs). Evaluation: WikiText-2 test, {report['eval_windows']} "
+        f"windows of {report['ctx']} tokens.",
+        "",
+        "Recall and precision are means over layers of the predicted set against the set that the threshold alone "
+        "keeps, at the same tokens. `predicted` is the fraction of units (blocks of 32 neurons, or neurons) the "
+        "predictor names, so 1 - predicted of gate_proj, up_proj and down_proj is skipped; `active` is the fraction "
+        "left after the threshold inside the predicted set. Cost is predictor parameters over the FFN weights "
+        "skipped, which is also the ratio of their FLOPs per token.",
+        "",
+        "| model | site | granularity | rank | activation | lookahead | recall target | recall | precision | predicted | active | cost | PPL dense | PPL oracle | PPL predicted | predicted / oracle |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['site']} | {row['granularity']} | {row['rank']} | {row['activation']} | "
+            f"{'yes' if row['lookahead'] else 'no'} | {row['recall_target']} | {row['recall']:.4f} | {row['precision']:.4f} | "
+            f"{row['predicted_active']:.3f} | {row['active']:.3f} | {row['predictor_cost_ratio']:.3f} | {row['ppl_dense']:.3f} | "
+            f"{row['ppl_oracle']:.3f} | {row['ppl_predicted']:.3f} | {row['ppl_predicted'] / row['ppl_oracle']:.4f} |"
+        )
+    if report.get("bench"):
+        lines += [
+            "",
+            "## Decode speed with predicted blocks",
+            "",
+            "`python -m mlx_sparse.bench --predictor` on the gate_act block config, float32, same process and weights "
+            "as mlx-lm (full tables in the linked files):",
+            "",
+            "| model | predictor | mlx-lm tok/s | threshold gather tok/s | predicted tok/s | predicted / mlx-lm | FFN bytes ratio (predicted) | bench |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for entry in report["bench"]:
+            lines.append(
+                f"| {entry['model']} | {entry['predictor']} | {entry['mlx_lm_tok_s']} | {entry['sparse_tok_s']} | "
+                f"{entry['predicted_tok_s']} | {entry['speedup_predicted_vs_mlx_lm']} | {entry['ffn_bytes_ratio']} | "
+                f"[{entry['path']}]({entry['path']}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path) -> None:
+    write_text_atomic(out / "predict.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "predict.md", format_markdown(report))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--train-windows", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=16384)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--bench-tokens", type=int, default=64)
+    parser.add_argument("--bench-repeats", type=int, default=5)
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--work-dir", default="/tmp/mlx_sparse_predict", help="folder for the trained predictor files")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    setup_logging()
+
+    out = Path(args.out)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    report = {
+        "commands": ["scripts/run.sh .venv/bin/python benchmarks/predict.py " + " ".join(sys.argv[1:])],
+        "machine": f"{platform.system()} {platform.machine()}",
+        "cores": os.cpu_count(),
+        "blas": loaded_blas(),
+        "mlx": __import__("mlx.core").core.__version__,
+        "ctx": args.ctx,
+        "calib_windows": args.calib_windows,
+        "train_windows": args.train_windows,
+        "eval_windows": args.eval_windows,
+        "max_samples": args.max_samples,
+        "epochs": args.epochs,
+        "rows": [],
+        "bench": [],
+    }
+    if args.resume and (out / "predict.json").is_file():
+        earlier = json.loads((out / "predict.json").read_text())
+        report["rows"], report["bench"] = earlier["rows"], earlier.get("bench", [])
+        report["commands"] = earlier["commands"] + report["commands"]
+    done = {row_key(row) for row in report["rows"]}
+
+    for model_name in args.models.split(","):
+        model, tokenizer = load(model_name)
+        calibration = load_windows("wikitext2:valid", tokenizer, args.ctx, args.calib_windows)
+        training = load_windows("wikitext2:valid", tokenizer, args.ctx, args.train_windows)
+        evaluation = load_windows("wikitext2:test", tokenizer, args.ctx, args.eval_windows)
+        known_dense = None
+
+        for site, granularity in CONFIGS:
+            config_path = out / "predict" / f"{model_name}_{site}_{granularity}50.json"
+            wanted = [
+                spec for spec in PREDICTORS[(site, granularity)]
+                if (model_name, site, granularity, *spec) not in done
+            ]
+            if not wanted and not (site == "gate_act" and not args.skip_bench):
+                continue
+            if config_path.is_file():
+                config = load_config(config_path, model)
+            else:
+                config = calibrate_targets(model, calibration, [TARGET], site, granularity)[0]
+                config.save(config_path)
+            if not wanted:
+                continue
+
+            if known_dense is None:
+                unsparsify(model)
+                known_dense = evaluate_perplexity(model, evaluation, description="perplexity, dense").ppl
+            sparsify(model, config)
+            oracle = evaluate_perplexity(model, evaluation, description="perplexity, oracle sets")
+            unsparsify(model)
+            known = {"ppl_dense": known_dense, "ppl_oracle": oracle.ppl, "oracle_sparsity": oracle.actual_sparsity}
+
+            for rank, activation, lookahead, recall in wanted:
+                name = f"{model_name}_{site}_{granularity}_r{rank}_{activation}{'_lookahead' if lookahead else ''}_recall{recall}"
+                predictor_path = work / f"{name}.safetensors"
+                predictors = train_predictors(
+                    model, config, training, rank=rank, activation=activation, lookahead=lookahead,
+                    recall_target=recall, max_samples=args.max_samples, epochs=args.epochs,
+                )
+                predictors.save(predictor_path)
+                result = evaluate_predictor(model, config, load_predictor(predictor_path, model, config), evaluation, known)
+                row = {"model": model_name, "site": site, "granularity": granularity, "rank": rank,
+                       "activation": activation, "lookahead": lookahead, "recall_target": recall,
+                       "config": str(config_path), "predictor_file": str(predictor_path),
+                       "training": predictors.header.training, **result}
+                report["rows"].append(row)
+                done.add(row_key(row))
+                save(report, out)
+                logger.info("%s: recall %.4f, predicted %.3f, PPL oracle %.3f, predicted %.3f", name, row["recall"],
+                            row["predicted_active"], row["ppl_oracle"], row["ppl_predicted"])
+
+        if args.skip_bench or any(entry["model"] == model_name for entry in report["bench"]):
+            continue
+        from mlx_sparse import bench
+
+        config_path = out / "predict" / f"{model_name}_gate_act_block50.json"
+        predictor_path = work / f"{model_name}_gate_act_block_r64_linear_recall0.95.safetensors"
+        bench_dir = out / "predict" / f"bench_{model_name}"
+        del model
+        code = bench.main([
+            "--model", model_name, "--dtype", "float32", "--sparsity", str(config_path), "--predictor", str(predictor_path),
+            "--new-tokens", str(args.bench_tokens), "--repeats", str(args.bench_repeats), "--out", str(bench_dir),
+        ])
+        if code:
+            logger.error("bench failed for %s (exit %s)", model_name, code)
+            continue
+        measured = json.loads((bench_dir / "bench.json").read_text())
+        report["bench"].append({
+            "model": model_name, "predictor": "r64 linear, recall 0.95", "path": str(bench_dir.relative_to(out) / "bench.md"),
+            "mlx_lm_tok_s": measured["mlx_lm_tok_s"], "sparse_tok_s": measured["sparse_tok_s"],
+            "predicted_tok_s": measured["predicted_tok_s"], "speedup_predicted_vs_mlx_lm": measured["speedup_predicted_vs_mlx_lm"],
+            "ffn_bytes_ratio": measured["details"]["predicted"]["ffn_bytes_ratio"],
+        })
+        save(report, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
