@@ -53,7 +53,8 @@ def format_markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
         f"Calibration: WikiText-2 valid, {report['calib_windows']} windows of {report['ctx']}; greedy allocation "
-        f"measures the loss on the first {report['greedy_windows']} of them, in steps of {report['greedy_step']}. "
+        f"measures the loss on the first {report['greedy_ctx']} tokens of the first {report['greedy_windows']} of them, "
+        f"in steps of {report['greedy_step']}. "
         f"Evaluation: WikiText-2 test, {report['eval_windows']} windows of {report['ctx']} tokens.",
         "",
         "Skipped bytes are the FFN weight bytes per token that the measured zeros let decoding skip "
@@ -107,6 +108,8 @@ def run_model(model_name, folder_spec, methods, args, report, out, done) -> None
     model, tokenizer = load(folder_spec)
     calibration_windows = load_windows("wikitext2:valid", tokenizer, args.ctx, args.calib_windows)
     loss_windows = first_windows(calibration_windows, args.greedy_windows)
+    if args.greedy_ctx:
+        loss_windows.windows = loss_windows.windows[:, : args.greedy_ctx]
     evaluation = load_windows("wikitext2:test", tokenizer, args.ctx, args.eval_windows)
 
     if (model_name, "dense", 0.0) not in done and not any(METHODS[name][5] for name in methods):
@@ -139,6 +142,7 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--greedy-windows", type=int, default=1)
     parser.add_argument("--greedy-step", type=float, default=0.1)
+    parser.add_argument("--greedy-ctx", type=int, default=None, help="tokens of each greedy loss window (default: --ctx)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--grouped-dir", default=os.environ.get("MLX_SPARSE_MODELS_DIR", "models"),
                         help="folder holding <alias>-grouped model folders")
@@ -159,6 +163,7 @@ def main() -> int:
         "eval_windows": args.eval_windows,
         "greedy_windows": args.greedy_windows,
         "greedy_step": args.greedy_step,
+        "greedy_ctx": args.greedy_ctx or args.ctx,
         "rows": [],
     }
     if args.resume and (out / "methods.json").is_file():
