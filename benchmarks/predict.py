@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 from pathlib import Path
 
 from mlx_sparse import load, unsparsify
-from mlx_sparse.blas import loaded_blas
 from mlx_sparse.calibration import calibrate_targets
 from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import load_windows
 from mlx_sparse.perplexity import evaluate_perplexity
 from mlx_sparse.predict import evaluate_predictor, load_predictor, train_predictors
 from mlx_sparse.sparsity import load_config, sparsify
+from report import new_report, resume
 
 logger = logging.getLogger("predict")
 
@@ -162,25 +160,9 @@ def main() -> int:
     out = Path(args.out)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    report = {
-        "commands": ["scripts/run.sh .venv/bin/python benchmarks/predict.py " + " ".join(sys.argv[1:])],
-        "machine": f"{platform.system()} {platform.machine()}",
-        "cores": os.cpu_count(),
-        "blas": loaded_blas(),
-        "mlx": __import__("mlx.core").core.__version__,
-        "ctx": args.ctx,
-        "calib_windows": args.calib_windows,
-        "train_windows": args.train_windows,
-        "eval_windows": args.eval_windows,
-        "max_samples": args.max_samples,
-        "epochs": args.epochs,
-        "rows": [],
-        "bench": [],
-    }
-    if args.resume and (out / "predict.json").is_file():
-        earlier = json.loads((out / "predict.json").read_text())
-        report["rows"], report["bench"] = earlier["rows"], earlier.get("bench", [])
-        report["commands"] = earlier["commands"] + report["commands"]
+    report = new_report("predict.py", ctx=args.ctx, calib_windows=args.calib_windows, train_windows=args.train_windows, eval_windows=args.eval_windows, max_samples=args.max_samples, epochs=args.epochs, bench=[])
+    if args.resume:
+        resume(report, out / "predict.json", ("rows", "bench"))
     done = {row_key(row) for row in report["rows"]}
 
     for model_name in args.models.split(","):

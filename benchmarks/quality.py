@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from mlx_sparse import load, sparsify, unsparsify
-from mlx_sparse.blas import loaded_blas
 from mlx_sparse.calibration import calibrate_targets
 from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import load_windows
 from mlx_sparse.perplexity import evaluate_perplexity
+from report import new_report, resume
 
 logger = logging.getLogger("quality")
 
@@ -66,12 +64,19 @@ def format_markdown(report: dict) -> str:
             f"| {row['model']} | {row['site']} | {row['granularity']} | {row['target']:.1f} | {row['windows']} | "
             f"{sparsity_text} | {row['ppl']:.3f} | {change} |"
         )
-    lines += ["", NOTES]
+    lines += ["", NOTES, "", METHODS_NOTE]
     missing = missing_full_split(report["rows"])
     if missing:
         lines += ["", "## Missing rows", "", "Not measured yet on the whole test split (`down_in` neuron): "
                   + ", ".join(missing) + ". Rerun with `--full-split --skip-grid --resume` to add them."]
     return "\n".join(lines) + "\n"
+
+
+METHODS_NOTE = """## Other methods at 50% and 70%
+
+The seed rule, uniform and greedy allocation, WINA scores, a dense prefix and blocks on
+neuron-grouped models, side by side with skipped weight bytes per token, are in
+[methods.md](methods.md) (`benchmarks/methods.py`); the grouping study is in [group.md](group.md)."""
 
 
 def missing_full_split(rows: list[dict]) -> list[str]:
@@ -149,20 +154,9 @@ def main() -> int:
     setup_logging()
 
     out = Path(args.out)
-    report = {
-        "commands": ["scripts/run.sh .venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:])],
-        "machine": f"{platform.system()} {platform.machine()}",
-        "cores": os.cpu_count(),
-        "blas": loaded_blas(),
-        "mlx": __import__("mlx.core").core.__version__,
-        "ctx": args.ctx,
-        "calib_windows": args.calib_windows,
-        "rows": [],
-    }
-    if args.resume and (out / "quality.json").is_file():
-        earlier = json.loads((out / "quality.json").read_text())
-        report["rows"] = earlier["rows"]
-        report["commands"] = earlier.get("commands", [earlier.get("command")]) + report["commands"]
+    report = new_report("quality.py", ctx=args.ctx, calib_windows=args.calib_windows)
+    if args.resume:
+        resume(report, out / "quality.json", ("rows",))
     done = {row_key(row) for row in report["rows"]}
 
     full_models = (args.full_split_models or args.models).split(",") if args.full_split else []

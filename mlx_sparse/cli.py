@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -80,6 +81,26 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def staging_folder(out_dir: Path):
+    """Yield a fresh folder beside `out_dir` with the usual umask mode, removed on exit.
+
+    Callers write a whole model folder into it and move it into place before the block ends, so
+    a crash leaves no partial output folder behind.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        # mkdtemp makes a private (0700) folder; give it the permissions a plain mkdir would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .aliases import ALIASES, alias_folder, ensure_alias, models_dir
-from .cli import ArgumentParser, run_command, setup_logging
+from .cli import ArgumentParser, run_command, setup_logging, staging_folder
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -743,19 +743,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     started = time.perf_counter()
     model = read_gguf(gguf_path, dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        # mkdtemp makes a private (0700) folder; give it the permissions a plain mkdir would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+    with staging_folder(out_dir) as staging:
         _write_folder(model, staging)
         _check_output(out_dir, overwrite)
         _replace_folder(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info("Converted %s (%s) into %s in %.1f s", Path(gguf_path).name, dtype, out_dir, time.perf_counter() - started)
     return out_dir
 

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +49,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_command, setup_logging
+from .cli import ArgumentParser, run_command, setup_logging, staging_folder
 from .data import TokenWindows, load_text, load_windows
 from .errors import UserError
 from .models import MLP
@@ -495,14 +494,7 @@ def save_grouped(
     dense_ffns(model)
 
     weights = dict(tree_flatten(model.parameters()))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        # mkdtemp makes a private (0700) folder; give it the permissions a plain mkdir would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-
+    with staging_folder(out_dir) as staging:
         _write_tokenizer(tokenizer_source, staging)
         full_config = {**config, CONFIG_KEY: info}
         (staging / "config.json").write_text(json.dumps(full_config, indent=2) + "\n", encoding="utf-8")
@@ -513,9 +505,6 @@ def save_grouped(
 
         check_output_folder(out_dir, overwrite)
         _replace_folder(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info("Wrote grouped model to %s", out_dir)
     return out_dir
 
