@@ -88,7 +88,7 @@ NOTES = """## Reading the table
   it lost to uniform allocation on both models at both targets, while its loss on the
   calibration batch barely moved (Gemma-3-270M: 2.529 dense, 2.523 at 50%). The per-layer
   choices fit the noise of that batch. NOTE: a larger loss batch, a smaller step or a loss measured at the
-  layer output are the next things to try; they were not run here.
+  layer output are untried.
 - WINA scores and a dense BOS position change SmolLM2-135M's perplexity by less than 0.5% at
   either target. On Gemma-3-270M at 50% a dense BOS position takes the loss from +5.7% to +5.1%
   and WINA with it to +4.5%, the best 50% row here, while WINA alone costs more at 70%.
@@ -142,13 +142,13 @@ def run_model(model_name, folder_spec, methods, args, report, out, done) -> None
     recorded = {}
     for method in methods:
         site, granularity, score, prefix, allocation, _ = METHODS[method]
-        wanted = [target for target in TARGETS if (model_name, method, target) not in done]
-        if not wanted:
+        pending = [target for target in TARGETS if (model_name, method, target) not in done]
+        if not pending:
             continue
         key = (site, granularity, score, prefix)
         if key not in recorded:
             recorded[key] = Calibration.record(model, calibration_windows, site, granularity, 32, score, prefix)
-        for target in wanted:
+        for target in pending:
             config = allocate(model, recorded[key], target, allocation, loss_windows, args.greedy_step)
             measure(model, config, evaluation, model_name, method, target, report, out, done)
 

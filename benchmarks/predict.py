@@ -2,9 +2,8 @@
 
     scripts/run.sh .venv/bin/python benchmarks/predict.py --models smollm2-135m,gemma3-270m --out benchmarks/results
 
-For each model and 50% config (gate_act block, down_in block, down_in neuron; block size 32),
-thresholds are calibrated on WikiText-2 valid, predictors are trained on WikiText-2 valid, and
-recall, precision, predicted-active fraction and perplexity (dense, oracle sets, predicted sets)
+The configs are 50% gate_act block, down_in block and down_in neuron (block size 32) for each
+model. Thresholds are calibrated and predictors trained on WikiText-2 valid, and recall, precision, predicted-active fraction and perplexity (dense, oracle sets, predicted sets)
 are measured on WikiText-2 test. The decode benchmark (`python -m mlx_sparse.bench --predictor`)
 runs on the gate_act block config. Writes predict.json after every row; `--resume` skips rows
 already there. Predictor files go to `--work-dir`, not to the results.
@@ -113,7 +112,7 @@ NOTES = """## Reading the tables
   just under the 0.95 bar, so the bar needs a held-out target near 0.96.
 - A low-rank map from the FFN input names active blocks far better than from firing frequency
   alone (see patterns/), but a rank above 64 or a ReLU between the two maps adds nothing here:
-  the limit is what the FFN input says about the block scores, not the predictor's capacity.
+  the limit is what the FFN input carries about the block scores, not the predictor's capacity.
 - Neuron-level predictors (one output per neuron) cost more than the weights they let decoding
   skip on these small models: the 1536 or 2048 outputs of the second map alone are a large
   share of an FFN of hidden size 576 or 640.
@@ -174,18 +173,18 @@ def main() -> int:
 
         for site, granularity in (tuple(item.split(":")) for item in args.configs.split(",")):
             config_path = out / "predict" / f"{model_name}_{site}_{granularity}50.json"
-            wanted = [
+            pending = [
                 spec for spec in PREDICTORS[(site, granularity)][: args.max_predictors]
                 if (model_name, site, granularity, *spec) not in done
             ]
-            if not wanted and not (site == "gate_act" and not args.skip_bench):
+            if not pending and not (site == "gate_act" and not args.skip_bench):
                 continue
             if config_path.is_file():
                 config = load_config(config_path, model)
             else:
                 config = calibrate_targets(model, calibration, [TARGET], site, granularity)[0]
                 config.save(config_path)
-            if not wanted:
+            if not pending:
                 continue
 
             if known_dense is None:
@@ -196,7 +195,7 @@ def main() -> int:
             unsparsify(model)
             known = {"ppl_dense": known_dense, "ppl_oracle": oracle.ppl, "oracle_sparsity": oracle.actual_sparsity}
 
-            for rank, activation, lookahead, recall in wanted:
+            for rank, activation, lookahead, recall in pending:
                 name = f"{model_name}_{site}_{granularity}_r{rank}_{activation}{'_lookahead' if lookahead else ''}_recall{recall}"
                 predictor_path = work / f"{name}.safetensors"
                 predictors = train_predictors(

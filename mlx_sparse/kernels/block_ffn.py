@@ -226,10 +226,11 @@ class BlockSparseFFN(nn.Module):
             y = self._dense_forward(tokens)
         return y.reshape(*x.shape[:-1], self.down_blocks.output_dims)
 
-    def _record(self, tokens: int, active_blocks: int, gathered_blocks: int, dense_up: bool) -> None:
+    def _record(self, tokens: int, active_blocks: int, gathered_blocks: int, dense_up: bool, dense_gate: bool = True) -> None:
         up_blocks = self.num_blocks if dense_up else gathered_blocks
+        gate_blocks = self.num_blocks if dense_gate else gathered_blocks
         weight_bytes = (
-            self.num_blocks * self.gate_blocks.block_nbytes
+            gate_blocks * self.gate_blocks.block_nbytes
             + up_blocks * self.up_blocks.block_nbytes
             + gathered_blocks * self.down_blocks.block_nbytes
         )
@@ -315,7 +316,7 @@ class BlockSparseFFN(nn.Module):
         gathered_blocks = int(block_predicted.sum())
         if gathered_blocks == 0:
             if self.stats is not None:
-                self._record_predicted(num_tokens, 0, 0)
+                self._record(num_tokens, 0, 0, dense_up=False, dense_gate=False)
             return mx.zeros((num_tokens, self.down_blocks.output_dims), dtype=x.dtype)
 
         indices = None
@@ -337,20 +338,8 @@ class BlockSparseFFN(nn.Module):
 
         y = self.down_blocks.blocks(h, indices).sum(axis=0)
         if self.stats is not None:
-            self._record_predicted(num_tokens, int(active.sum().item()), gathered_blocks)
+            self._record(num_tokens, int(active.sum().item()), gathered_blocks, dense_up=False, dense_gate=False)
         return y
-
-    def _record_predicted(self, tokens: int, active_blocks: int, gathered_blocks: int) -> None:
-        weight_bytes = gathered_blocks * (
-            self.gate_blocks.block_nbytes + self.up_blocks.block_nbytes + self.down_blocks.block_nbytes
-        )
-        self.stats.record(
-            tokens=tokens,
-            active_blocks=active_blocks,
-            total_blocks=tokens * self.num_blocks,
-            weight_bytes=weight_bytes,
-            dense_weight_bytes=self.dense_weight_bytes,
-        )
 
     def _dense_forward(self, x: mx.array) -> mx.array:
         """Compute the dense masked FFN of `x` ([tokens, hidden]) from the block layout."""

@@ -4,8 +4,8 @@ A layer's predictor maps a hidden vector x to one logit per unit (neuron or bloc
 `up(act(down(x)))` with `down` [hidden -> rank] and `up` [rank -> units], where act is the identity
 ("linear") or ReLU ("relu"). A unit is predicted active when its logit is at least the layer's
 decision threshold, chosen on held-out tokens for a target recall. With `lookahead`, the predictor
-of layer l reads the FFN input of layer l - 1, so the active set is known one layer early; layer
-0 has no earlier FFN and reads its own input.
+of layer l reads the FFN input of layer l - 1, so the active set is known one layer early.
+Layer 0 has no earlier FFN and reads its own input.
 
 A `PredictorSet` is saved as one safetensors file whose metadata holds a JSON header (model,
 sizes, config, decision thresholds); no pickle is involved.

@@ -148,8 +148,8 @@ def train_predictors(model: nn.Module, config: SparsityConfig, windows: TokenWin
         for layer, reservoir in enumerate(reservoirs):
             inputs, targets = reservoir.arrays()
             order = rng.permutation(inputs.shape[0])
-            held = max(1, int(round(holdout * inputs.shape[0])))
-            train_rows, held_rows = order[held:], order[:held]
+            held_count = max(1, int(round(holdout * inputs.shape[0])))
+            train_rows, held_rows = order[held_count:], order[:held_count]
 
             loss = _train_layer(
                 predictors.layers[layer], mx.array(inputs[train_rows]), mx.array(targets[train_rows].astype(np.float32)),

@@ -83,7 +83,7 @@ def capture_layers(model: nn.Module, config: SparsityConfig):
 
     The function takes int tokens [batch, length] and returns (logits, [LayerCapture per layer]),
     with tokens flattened to batch * length rows. The model runs with the thresholds applied, so
-    each layer sees the inputs that the sparse model produces. The model is restored on exit.
+    each layer receives the inputs that the sparse model produces. The model is restored on exit.
     """
     check_predict_config(config)
     sparsify(model, config)
