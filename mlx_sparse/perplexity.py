@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,10 +40,34 @@ class PerplexityResult:
         return asdict(self)
 
 
+@functools.cache
+def _loss_streams() -> tuple[mx.Stream, ...]:
+    """Return one CPU stream per core (two at most) for the log-softmax, or none off the CPU.
+
+    MLX runs each CPU stream's elementwise work on one thread. On Gemma-3's 262k-entry vocabulary
+    the log-softmax of a 512-token window took 2.1 s against 2.4 s for the forward pass (2 x86
+    cores), so the window is cut into slices that run on separate streams at once.
+    """
+    if mx.default_device() != mx.cpu:
+        return ()
+    return tuple(mx.new_stream(mx.cpu) for _ in range(min(2, os.cpu_count() or 1)))
+
+
 def window_loss(model: nn.Module, batch: mx.array) -> mx.array:
     """Sum of the next-token cross-entropy over a batch of windows, in nats."""
     logits = model(batch[:, :-1]).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+    targets = batch[:, 1:]
+
+    streams = _loss_streams()
+    if len(streams) < 2:
+        return nn.losses.cross_entropy(logits, targets, reduction="sum")
+
+    edges = [round(i * targets.shape[1] / len(streams)) for i in range(len(streams) + 1)]
+    parts = []
+    for stream, start, end in zip(streams, edges, edges[1:]):
+        with mx.stream(stream):
+            parts.append(nn.losses.cross_entropy(logits[:, start:end], targets[:, start:end], reduction="sum"))
+    return sum(parts[1:], parts[0])
 
 
 def evaluate_perplexity(model: nn.Module, data: TokenWindows, batch_size: int = 1, description: str = "perplexity") -> PerplexityResult:
