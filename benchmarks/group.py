@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,12 +24,12 @@ import numpy as np
 
 from mlx_sparse import group, load, sparsify, unsparsify
 from mlx_sparse.aliases import models_dir
-from mlx_sparse.blas import loaded_blas
 from mlx_sparse.calibration import calibrate_targets
 from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import TokenWindows, load_windows
 from mlx_sparse.loading import resolve_spec
 from mlx_sparse.perplexity import evaluate_perplexity
+from report import new_report, resume
 
 logger = logging.getLogger("group")
 
@@ -285,23 +283,10 @@ def main() -> int:
         write_text_atomic(out / "group.md", format_markdown(report))
         return 0
 
-    report = {
-        "commands": ["scripts/run.sh .venv/bin/python benchmarks/group.py " + " ".join(sys.argv[1:])],
-        "machine": f"{platform.system()} {platform.machine()}",
-        "cores": os.cpu_count(),
-        "blas": loaded_blas(),
-        "mlx": mx.__version__,
-        "ctx": args.ctx,
-        "calib_windows": args.calib_windows,
-        "eval_windows": args.eval_windows,
-        "sample_tokens": args.sample_tokens,
-        "group_skip": args.group_skip,
-        "rows": [],
-    }
-    if args.resume and (out / "group.json").is_file():
-        earlier = json.loads((out / "group.json").read_text())
-        report["rows"], report["energy"], report["checks"] = earlier["rows"], earlier.get("energy", []), earlier.get("checks", {})
-        report["commands"] = earlier["commands"] + report["commands"]
+    report = new_report("group.py", ctx=args.ctx, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                        sample_tokens=args.sample_tokens, group_skip=args.group_skip, energy=[], checks={})
+    if args.resume:
+        resume(report, out / "group.json", ("rows", "energy", "checks"))
 
     for model_name in args.models.split(","):
         run_model(model_name, report, out, args)
