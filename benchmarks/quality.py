@@ -30,7 +30,7 @@ SITES = ("down_in", "gate_act", "seed")
 GRANULARITIES = ("neuron", "block")
 TARGETS = (0.3, 0.5, 0.7)
 
-# Any row with at least this many windows is a whole-split row (the split has 577-595 windows of 512).
+# Any row with at least this many windows is a whole-split row (the split has 571-595 windows of 512).
 FULL_SPLIT_MIN_WINDOWS = 500
 
 
@@ -48,7 +48,7 @@ def format_markdown(report: dict) -> str:
         f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
         f"Calibration: WikiText-2 valid, {report['calib_windows']} windows of {report['ctx']} tokens. "
         f"Evaluation: WikiText-2 test (standard row join), windows of {report['ctx']} tokens; the `windows` "
-        "column says how many (the whole split has 595 for SmolLM2 and 577 for Gemma-3).",
+        "column says how many (the whole split has 595 for SmolLM2 and 571 for Gemma-3).",
         "",
         "Actual sparsity is the measured fraction of zeros, on the test windows, of the tensor that decides "
         "which weights are skipped (for `seed`: the down_proj input).",
