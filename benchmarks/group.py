@@ -29,7 +29,7 @@ from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import TokenWindows, load_windows
 from mlx_sparse.loading import resolve_spec
 from mlx_sparse.perplexity import evaluate_perplexity
-from report import new_report, resume
+from report import machine_text, markdown_header, new_report, resume
 
 logger = logging.getLogger("group")
 
@@ -42,11 +42,8 @@ def row_key(row: dict) -> tuple:
 
 def format_markdown(report: dict) -> str:
     lines = [
-        "# Neuron grouping for block sparsity",
-        "",
-        "Commands (a later one resumes the rows of the earlier ones): " + ", ".join(f"`{command}`" for command in report["commands"]),
-        "",
-        f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
+        *markdown_header(report, "Neuron grouping for block sparsity"),
+        machine_text(report) +
         f"Calibration: WikiText-2 valid, the first {report['calib_windows']} windows of {report['ctx']} tokens. "
         f"Grouping: WikiText-2 valid, the {report['calib_windows']} windows after the first {report['group_skip']} "
         f"(`--skip-windows {report['group_skip']}`), sampling {report['sample_tokens']} tokens, except the rows marked "

@@ -24,7 +24,7 @@ from mlx_sparse.calibration import Calibration, first_windows
 from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import load_windows
 from mlx_sparse.perplexity import evaluate_perplexity
-from report import new_report, resume
+from report import machine_text, markdown_header, new_report, resume
 
 logger = logging.getLogger("methods")
 
@@ -46,11 +46,8 @@ METHODS = {
 
 def format_markdown(report: dict) -> str:
     lines = [
-        "# Sparsity methods at 50% and 70%",
-        "",
-        "Commands: " + ", ".join(f"`{command}`" for command in report["commands"]),
-        "",
-        f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
+        *markdown_header(report, "Sparsity methods at 50% and 70%"),
+        machine_text(report) +
         f"Calibration: WikiText-2 valid, {report['calib_windows']} windows of {report['ctx']}; greedy allocation "
         f"measures the loss on the first {report['greedy_ctx']} tokens of the first {report['greedy_windows']} of them, "
         f"in steps of {report['greedy_step']}. "

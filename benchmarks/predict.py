@@ -24,7 +24,7 @@ from mlx_sparse.data import load_windows
 from mlx_sparse.perplexity import evaluate_perplexity
 from mlx_sparse.predict import evaluate_predictor, load_predictor, train_predictors
 from mlx_sparse.sparsity import load_config, sparsify
-from report import new_report, resume
+from report import machine_text, markdown_header, new_report, resume
 
 logger = logging.getLogger("predict")
 
@@ -45,11 +45,8 @@ def row_key(row: dict) -> tuple:
 
 def format_markdown(report: dict) -> str:
     lines = [
-        "# Neuron predictors: recall, cost and perplexity",
-        "",
-        "Commands: " + ", ".join(f"`{command}`" for command in report["commands"]),
-        "",
-        f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
+        *markdown_header(report, "Neuron predictors: recall, cost and perplexity"),
+        machine_text(report) +
         f"Thresholds: target {TARGET}, calibrated on WikiText-2 valid ({report['calib_windows']} windows of {report['ctx']}). "
         "Predictors: trained on WikiText-2 valid (windows, token samples per layer and epochs in the `training` "
         f"column). Evaluation: WikiText-2 test, {report['eval_windows']} windows of {report['ctx']} tokens.",

@@ -22,7 +22,7 @@ from mlx_sparse.calibration import calibrate_targets
 from mlx_sparse.cli import setup_logging, write_text_atomic
 from mlx_sparse.data import load_windows
 from mlx_sparse.perplexity import evaluate_perplexity
-from report import new_report, resume
+from report import machine_text, markdown_header, new_report, resume
 
 logger = logging.getLogger("quality")
 
@@ -43,12 +43,8 @@ def row_key(row: dict) -> tuple:
 
 def format_markdown(report: dict) -> str:
     lines = [
-        "# Quality: perplexity against FFN sparsity",
-        "",
-        "Commands (a later one resumes the rows of the earlier ones): "
-        + ", ".join(f"`{command}`" for command in report["commands"]),
-        "",
-        f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
+        *markdown_header(report, "Quality: perplexity against FFN sparsity"),
+        machine_text(report) +
         f"Calibration: WikiText-2 valid, {report['calib_windows']} windows of {report['ctx']} tokens. "
         f"Evaluation: WikiText-2 test (standard row join), windows of {report['ctx']} tokens; the `windows` "
         "column says how many (the whole split has 595 for SmolLM2 and 571 for Gemma-3).",
@@ -84,7 +80,7 @@ neuron-grouped models, side by side with skipped weight bytes per token, are in
 
 
 def full_split_notes(rows: list[dict]) -> list[str]:
-    """Describe the 50% `down_in` neuron cost on the whole test split next to the first windows."""
+    """Return note lines on the 50% `down_in` neuron cost on the whole test split, beside the first windows."""
     by_key = {(row["model"], row["target"], row["windows"] >= FULL_SPLIT_MIN_WINDOWS): row for row in rows
               if (row["site"], row["granularity"]) == ("down_in", "neuron")}
     notes = []

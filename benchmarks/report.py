@@ -32,3 +32,14 @@ def resume(report: dict, path: Path, keys: tuple[str, ...] = ("rows",)) -> dict:
             report[key] = earlier.get(key, report[key])
         report["commands"] = earlier.get("commands", [earlier.get("command")]) + report["commands"]
     return report
+
+
+def markdown_header(report: dict, title: str) -> list[str]:
+    """Return the markdown title and the line of commands that made the report."""
+    label = "Commands (a later one resumes the rows of the earlier ones)" if len(report["commands"]) > 1 else "Commands"
+    return [f"# {title}", "", f"{label}: " + ", ".join(f"`{command}`" for command in report["commands"]), ""]
+
+
+def machine_text(report: dict) -> str:
+    """Return the sentence naming the machine, BLAS and MLX version that the report ran on."""
+    return f"Machine: {report['machine']}, {report['cores']} cores, BLAS {report['blas']}, MLX {report['mlx']}. "
