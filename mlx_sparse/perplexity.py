@@ -67,7 +67,7 @@ def window_loss(model: nn.Module, batch: mx.array) -> mx.array:
     for stream, start, end in zip(streams, edges, edges[1:]):
         with mx.stream(stream):
             parts.append(nn.losses.cross_entropy(logits[:, start:end], targets[:, start:end], reduction="sum"))
-    return sum(parts[1:], parts[0])
+    return sum(parts)
 
 
 def evaluate_perplexity(model: nn.Module, data: TokenWindows, batch_size: int = 1, description: str = "perplexity") -> PerplexityResult:

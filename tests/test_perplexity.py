@@ -14,7 +14,7 @@ from mlx_sparse.perplexity import _loss_streams, evaluate_perplexity, window_los
 
 
 def reference_nll(model, windows: mx.array) -> float:
-    """Next-token negative log-likelihood from numpy's log-softmax, summed over every window."""
+    """Return the next-token negative log-likelihood from a NumPy log-softmax, summed over every window."""
     logits = np.array(model(windows[:, :-1]).astype(mx.float32), dtype=np.float64)
     targets = np.array(windows[:, 1:])
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -22,7 +22,7 @@ def reference_nll(model, windows: mx.array) -> float:
     return float(-np.take_along_axis(log_probs, targets[..., None], axis=-1).sum())
 
 
-def test_loss_streams_are_cpu_slices_only_on_cpu():
+def test_loss_streams_only_on_cpu():
     streams = _loss_streams()
     if mx.default_device() == mx.cpu:
         assert len(streams) == min(2, os.cpu_count() or 1)
@@ -31,8 +31,8 @@ def test_loss_streams_are_cpu_slices_only_on_cpu():
         assert streams == ()
 
 
-def test_window_loss_matches_numpy_for_odd_lengths(tiny_llama):
-    # 2 windows of 36 tokens: 35 targets each, so the two stream slices differ in length.
+def test_split_loss_matches_numpy(tiny_llama):
+    # 35 targets per window, so the two stream slices have different lengths (18 and 17).
     windows = mx.random.randint(0, 97, (2, 36), key=mx.random.key(5))
     loss = window_loss(tiny_llama, windows).item()
     one_pass = nn.losses.cross_entropy(tiny_llama(windows[:, :-1]), windows[:, 1:], reduction="sum").item()
@@ -41,7 +41,7 @@ def test_window_loss_matches_numpy_for_odd_lengths(tiny_llama):
     np.testing.assert_allclose(loss, one_pass, rtol=1e-6)
 
 
-def test_perplexity_is_exp_of_mean_token_nll(tiny_llama):
+def test_perplexity_is_exp_mean_nll(tiny_llama):
     windows = mx.random.randint(0, 97, (3, 17), key=mx.random.key(6))
     data = TokenWindows(source="random", windows=windows, total_tokens=3 * 17)
     result = evaluate_perplexity(tiny_llama, data, batch_size=2)
